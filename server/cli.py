@@ -1,0 +1,88 @@
+"""``ppimage serve``: run the image server until SIGTERM or SIGINT.
+
+The server only reads the shared payload store and the base image catalog, so any number of
+replicas can run side by side. On SIGTERM it stops accepting connections and
+waits up to ``DRAIN_SECONDS`` for running downloads before it exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+import click
+
+from builder.cli import CommandError, service_options, service_settings
+from builder.store import PayloadStore
+from server.http import ImageServer, make_server
+from server.resolver import Resolver
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DRAIN_SECONDS = 30.0
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` or ``[V6ADDRESS]:PORT``; raise CommandError naming --listen."""
+    host, separator, port_text = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not separator or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise CommandError(
+            f"--listen {listen!r}: expected HOST:PORT with a port from 0 to 65535,"
+            " for example 127.0.0.1:8080 or [::1]:8080"
+        )
+    return host, int(port_text)
+
+
+@click.command("serve")
+@service_options
+@click.option(
+    "--listen",
+    envvar="PPIMAGE_LISTEN",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    help="Address and TCP port to listen on, HOST:PORT ([::1]:8080 for IPv6). Env: PPIMAGE_LISTEN.",
+)
+def command(listen: str, **options: object) -> None:
+    """Serve published images, base kernels, health probes and metrics over HTTP."""
+    host, port = parse_listen(listen)
+    settings = service_settings(**options, writes_store=False)
+    resolver = Resolver(store=PayloadStore(settings.store), catalog=settings.catalog)
+    try:
+        server = make_server(resolver=resolver, host=host, port=port)
+    except OSError as error:
+        raise CommandError(f"--listen {listen!r}: cannot listen there: {error}") from error
+    bound_host, bound_port = server.server_address[:2]
+    log.info(
+        "image server listening on %s port %d, store %s", bound_host, bound_port, settings.store
+    )
+    run(server, resolver)
+
+
+def run(server: ImageServer, resolver: Resolver) -> None:
+    """Serve until SIGTERM or SIGINT, then drain running downloads and close the socket."""
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("image server received %s, stopping", signal.Signals(signum).name)
+        # shutdown() waits for serve_forever() to return, so it cannot run on this thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    threading.Thread(target=resolver.warm, name="warm-bases", daemon=True).start()
+    try:
+        server.serve_forever()
+    finally:
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while server.active_downloads and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if server.active_downloads:
+            log.warning(
+                "image server stopped with %d downloads still running", server.active_downloads
+            )
+        server.server_close()
+        log.info("image server stopped")
