@@ -76,7 +76,8 @@ def read_network_config(image: dict, secret: dict | None):
     try:
         return parse_secret(decode_secret_data(secret), secret_name=where)
     except ImageBuildInvalid as error:
-        raise type(error)(f"Cannot generate image: {where}: {error}") from error
+        # The secret module starts every message with the Secret's name.
+        raise type(error)(f"Cannot generate image: {error}") from error
 
 
 @functools.lru_cache(maxsize=64)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from builder.errors import BaseImageError
 from builder.safe_yaml import YAMLError, load_document
 
 DEFAULT_PROFILE = "networkmanager"
+PROFILE_NAMES = ("networkmanager", "ignition", "glean", "networkd", "dracut")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 DEFAULT_EMBED_PATH = "/images/ignition.img"
 FORMATS = ("iso", "initrd")
 
@@ -118,6 +121,11 @@ def load_catalog(path: Path) -> Catalog:
                 + ", ".join(sorted(_KEYS))
             )
         base = _base_from_entry(str(architecture), entry, relative_to=path.parent, where=where)
+        if base.architecture in architectures:
+            raise BaseImageError(
+                f"{where}: {base.architecture} is listed twice (aliases name the same "
+                "architecture); merge the entries"
+            )
         architectures[base.architecture] = base
     return Catalog(architectures)
 
@@ -168,10 +176,27 @@ def single_architecture(
     Raises BaseImageError when a named file does not exist or when initrd and kernel are not
     given together.
     """
-    where = f"base images for {architecture}"
+    where = f"base images for {architecture!r}"
+    if not architecture or architecture != architecture.strip():
+        raise BaseImageError(f"{where}: the architecture name is empty or has spaces")
     for label, path in (("iso", iso), ("initrd", initrd), ("kernel", kernel)):
-        if path is not None and not path.is_file():
+        if path is None:
+            continue
+        if not path.is_file():
             raise BaseImageError(f"{where}: {label} {path} does not exist or is not a file")
+        if path.stat().st_size == 0:
+            raise BaseImageError(f"{where}: {label} {path} is empty")
+    if profile not in PROFILE_NAMES:
+        raise BaseImageError(
+            f"{where}: unknown profile {profile!r}; use one of {', '.join(PROFILE_NAMES)}"
+        )
+    if _UNSAFE.search(extra_kernel_params):
+        raise BaseImageError(
+            f"{where}: extraKernelParams contains a newline or control character; "
+            "write the arguments on one line"
+        )
+    if kernel_url is not None and not str(kernel_url).startswith(("http://", "https://")):
+        raise BaseImageError(f"{where}: kernelUrl {kernel_url!r} is not an http(s) URL")
     if (initrd is None) != (kernel is None):
         raise BaseImageError(
             f"{where}: the initrd format needs both an initrd and a kernel; give both or neither"

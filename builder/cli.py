@@ -1,8 +1,8 @@
 """The ``ppimage`` command line: offline build, render and prepare-base commands.
 
 Exit status 0 means every object was processed, even when some got ``Error=True`` in their
-status; 2 means the command itself could not run (bad options, unreadable manifests, unusable
-base images), with a message on stderr that names the file and the fix.
+status. Exit status 2 means the command itself could not run: bad options, unreadable
+manifests or unusable base images. Its message on stderr names the file and the fix.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import yaml
 from builder import build, images, prepare_base
 from builder.catalog import (
     DEFAULT_EMBED_PATH,
+    PROFILE_NAMES,
     Catalog,
     host_architecture,
     load_catalog,
@@ -31,7 +32,6 @@ from builder.status import ErrorOutcome, ImageOutcome, compute_status
 
 log = logging.getLogger("ppimage")
 
-PROFILE_NAMES = ("networkmanager", "ignition", "glean", "networkd", "dracut")
 
 
 class CommandError(click.ClickException):
@@ -55,7 +55,7 @@ def _catalog_from_options(
                 raise CommandError("give either --config or --iso/--initrd/--kernel, not both")
             catalog = load_catalog(config)
         elif iso or initrd or kernel:
-            architecture = arch or host_architecture()
+            architecture = host_architecture() if arch is None else arch
             base = single_architecture(
                 architecture=architecture,
                 iso=iso,
@@ -222,6 +222,30 @@ def service_settings(
     )
 
 
+def parse_host_port(value: str, *, option: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` or ``[V6ADDRESS]:PORT``; raise CommandError naming ``option``."""
+    host, separator, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not separator or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise CommandError(
+            f"{option} {value!r}: expected HOST:PORT with a port from 0 to 65535,"
+            " for example 127.0.0.1:9100 or [::1]:9100"
+        )
+    return host, int(port_text)
+
+
+def metrics_listen_option(function):
+    """Add ``--metrics-listen``, the address of a role's Prometheus ``/metrics`` endpoint."""
+    return click.option(
+        "--metrics-listen",
+        envvar="PPIMAGE_METRICS_LISTEN",
+        default=None,
+        help="Serve Prometheus metrics (and /healthz) on HOST:PORT. Default: off. "
+        "Env: PPIMAGE_METRICS_LISTEN.",
+    )(function)
+
+
 class LazyGroup(click.Group):
     """A command group whose service commands are imported only when invoked.
 
@@ -367,17 +391,17 @@ def render_command(manifests, image_format, profile) -> None:
     from builder import profiles
 
     loaded = _load(manifests)
-    failed = 0
     for image in loaded.images:
         object_name = name_of(image)
         try:
             config = build.read_network_config(image, loaded.secret_for(image))
             rendering = profiles.render(config, profile=profile, image_format=image_format)
         except BuilderError as error:
-            failed += 1
             click.echo(f"# {object_name}: {error.reason}: {error}")
             continue
-        click.echo(f"# {object_name}: profile {profile}, {len(rendering.files)} files")
+        count = len(rendering.files)
+        noun = "file" if count == 1 else "files"
+        click.echo(f"# {object_name}: profile {profile}, {count} {noun}")
         for payload_file in rendering.files:
             click.echo(f"## {payload_file.path} (mode {payload_file.mode:04o})")
             click.echo(payload_file.data.decode("utf-8", errors="replace"), nl=False)
@@ -389,14 +413,28 @@ def render_command(manifests, image_format, profile) -> None:
 @click.argument(
     "source", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--kernel", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="ISO file to write.",
+)
+@click.option(
+    "--kernel",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Kernel of a new ISO (with --initrd).",
+)
+@click.option(
+    "--initrd",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Initramfs of a new ISO (with --kernel).",
+)
 @click.option(
     "--embed-size",
     type=int,
     default=None,
-    help="Size of the embed area in bytes (rounded up to 2048).",
+    help="Size of the embed area in bytes, rounded up to 2048. Default: 262144 (256 KiB).",
 )
 @click.option("--embed-path", default=DEFAULT_EMBED_PATH, show_default=True)
 @click.option(
@@ -407,7 +445,7 @@ def render_command(manifests, image_format, profile) -> None:
 )
 def prepare_base_command(source, output, kernel, initrd, embed_size, embed_path, cmdline) -> None:
     """Add an embed area to SOURCE ISO, or master a new ISO from --kernel and --initrd."""
-    size = embed_size or prepare_base.DEFAULT_EMBED_SIZE
+    size = prepare_base.DEFAULT_EMBED_SIZE if embed_size is None else embed_size
     try:
         if source is not None:
             if kernel or initrd:

@@ -13,6 +13,7 @@ import errno
 import functools
 import hashlib
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,7 +135,9 @@ def initrd_layout(base: Path, payload: bytes) -> Layout:
 def iso_layout(base: Path, area: EmbedArea, payload: bytes) -> Layout:
     """Describe the base ISO with ``payload`` written at the start of its embed area.
 
-    The rest of the area stays zero, which the kernel skips between initramfs members.
+    The rest of the area stays zero, which the kernel skips between initramfs members. The
+    payload's literal segment includes the zeros up to the next 4 KiB file offset, so it can be
+    up to 4095 bytes longer than the payload. The image bytes are the same either way.
 
     :raises ImageBuildInvalid: the payload does not fit in the embed area.
     """
@@ -145,11 +148,15 @@ def iso_layout(base: Path, area: EmbedArea, payload: bytes) -> Layout:
             " (raise the embed size with prepare-base --embed-size)"
         )
     size = _file_size(base)
-    after = area.offset + len(payload)
+    # The literal runs on with the area's zeros to the next 4 KiB boundary, unless the area ends
+    # first, so the base range after it starts page-aligned. sendfile(2) then hands the socket
+    # whole page-cache pages instead of splitting every page across two buffer fragments.
+    payload_end = area.offset + len(payload)
+    after = min(payload_end + (-payload_end % 4096), area.offset + area.size)
     return Layout(
         segments=(
             BaseRange(path=base, offset=0, length=area.offset),
-            Literal(data=payload),
+            Literal(data=payload + bytes(after - area.offset - len(payload))),
             BaseRange(path=base, offset=after, length=size - after),
         )
     )
@@ -275,8 +282,12 @@ def _read_extent(iso: Path, embed_path: str) -> EmbedArea:
     reader = pycdlib.PyCdlib()
     try:
         reader.open(str(iso))
-    except (OSError, PyCdlibException) as error:
-        raise BaseImageError(f"cannot read ISO {iso}: {error}") from error
+    except (OSError, PyCdlibException, struct.error, ValueError, IndexError) as error:
+        # pycdlib 1.22 raises struct.error on a truncated image, not PyCdlibException.
+        detail = str(error) or type(error).__name__
+        raise BaseImageError(
+            f"cannot read ISO {iso}: {detail}; is it a complete ISO 9660 image?"
+        ) from error
     try:
         record = _lookup(reader, embed_path)
         if record is None or not record.is_file():
@@ -290,6 +301,11 @@ def _read_extent(iso: Path, embed_path: str) -> EmbedArea:
             raise BaseImageError(
                 f"the embed area {embed_path} of ISO {iso} is empty; rebuild the base with"
                 f" `ppimage prepare-base {iso} -o OUT.iso --embed-size BYTES`"
+            )
+        if offset + size > iso.stat().st_size:
+            raise BaseImageError(
+                f"the embed area {embed_path} of ISO {iso} ends past the end of the file; "
+                "the ISO is truncated, copy it again"
             )
         return EmbedArea(offset=offset, size=size)
     finally:

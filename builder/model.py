@@ -177,6 +177,7 @@ def validate(config: NetworkConfig) -> NetworkConfig:
     for name in names:
         if names.count(name) > 1:
             raise ImageBuildInvalid(f"interfaces: the name {name!r} is used twice; rename one")
+    bond_of: dict[str, str] = {}
     for interface in config.interfaces:
         where = f"interface {interface.name!r}"
         check_interface_name(interface.name, field_name=where)
@@ -199,7 +200,22 @@ def validate(config: NetworkConfig) -> NetworkConfig:
                     raise ImageBuildInvalid(
                         f"{where}: bond port {port!r} is not an interface; define it"
                     )
+                if port == interface.name:
+                    raise ImageBuildInvalid(f"{where}: a bond cannot be its own port; remove it")
+                if config.interface(port).type == "bond":
+                    raise ImageBuildInvalid(
+                        f"{where}: bond port {port!r} is itself a bond, which Linux bonding "
+                        "does not support; use Ethernet interfaces as ports"
+                    )
+                if port in bond_of:
+                    raise ImageBuildInvalid(
+                        f"{where}: port {port!r} is already a port of bond {bond_of[port]!r}; "
+                        "an interface can be in one bond only"
+                    )
+                bond_of[port] = interface.name
         if interface.vlan is not None:
+            if interface.vlan.base == interface.name:
+                raise ImageBuildInvalid(f"{where}: a VLAN cannot be its own base interface")
             if interface.vlan.base not in names:
                 raise ImageBuildInvalid(
                     f"{where}: VLAN base interface {interface.vlan.base!r} does not exist; "

@@ -31,6 +31,9 @@ from builder.images import DEFAULT_EMBED_PATH, find_embed_area
 LOG = logging.getLogger(__name__)
 
 DEFAULT_EMBED_SIZE = 256 * 1024
+# The kernel unpacks the whole area as an initramfs on every boot, so a large area only costs
+# boot time; 64 MiB is far above any rendered network configuration.
+MAX_EMBED_SIZE = 64 * 1024 * 1024
 DEFAULT_VOLUME_ID = "PPIMAGE"
 DEFAULT_CMDLINE = "console=tty0 console=ttyS0,115200n8"
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
@@ -210,10 +213,27 @@ def _master_with_xorriso(*, tree: Path, out: Path, volume_id: str) -> None:
     )  # fmt: skip
 
 
+def _check_iso9660(path: Path) -> None:
+    """Raise BaseImageError unless ``path`` starts like an ISO 9660 image."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(_SECTOR * 16 + 1)
+            identifier = handle.read(5)
+    except OSError as error:
+        raise BaseImageError(f"{path}: cannot read: {error}") from error
+    if identifier != b"CD001":
+        raise BaseImageError(
+            f"{path} is not an ISO 9660 image (no CD001 volume descriptor at sector 16)"
+        )
+
+
 def _check_embed_request(*, size: int, embed_path: str) -> int:
     """Validate the embed area request and return the size rounded up to whole ISO sectors."""
-    if size <= 0:
-        raise BaseImageError(f"embed size {size} is invalid; use a positive number of bytes")
+    if not 0 < size <= MAX_EMBED_SIZE:
+        raise BaseImageError(
+            f"embed size {size} is invalid; use 1 to {MAX_EMBED_SIZE} bytes "
+            f"(payloads are a few KiB, the default is {DEFAULT_EMBED_SIZE})"
+        )
     if not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", embed_path):
         raise BaseImageError(
             f"embed path {embed_path!r} is invalid; use an absolute path of letters, digits,"
@@ -579,6 +599,7 @@ def add_embed_area(
         initrds for a platform, a tool fails, or a check of the result fails.
     """
     size = _check_embed_request(size=size, embed_path=embed_path)
+    _check_iso9660(src)
     before = read_boot_report(src)
     _reject_unsupported(src, before)
 

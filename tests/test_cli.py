@@ -349,3 +349,73 @@ def test_console_script_runs_build(catalog, tmp_path):
     status = statuses(result.stdout)["worker-4"]
     assert status["format"] == "initrd"
     assert conditions(status)["Ready"]["status"] == "True"
+
+
+def test_build_truncated_iso_is_command_error(tmp_path, base_iso):
+    truncated = tmp_path / "truncated.iso"
+    truncated.write_bytes(base_iso.read_bytes()[:5_000_000])
+    manifest = write_objects(tmp_path / "objects.yaml", image("host", secret=None))
+    code, _, stderr = run_build(str(manifest), "--iso", str(truncated), "--arch", "x86_64",
+                                "--out", str(tmp_path / "out"))  # fmt: skip
+    assert code == 2
+    assert "truncated.iso" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_build_name_cannot_escape_out_dir(tmp_path, catalog):
+    escaping = image("host", secret=None)
+    escaping["metadata"]["name"] = "../../escape"
+    manifest = write_objects(tmp_path / "objects.yaml", escaping)
+    code, stdout, stderr = run_build(str(manifest), "--config", str(catalog), "--out",
+                                     str(tmp_path / "a" / "b"))  # fmt: skip
+    assert code == 2
+    assert "not a valid Kubernetes name" in stderr
+    assert list(tmp_path.rglob("*.iso")) == []
+
+
+def test_catalog_alias_listed_twice_is_command_error(tmp_path, base_iso, busybox_initramfs,
+                                                     kernel):  # fmt: skip
+    path = tmp_path / "catalog.yaml"
+    entries = {
+        "x86_64": {"iso": str(base_iso)},
+        "amd64": {"initrd": str(busybox_initramfs), "kernel": str(kernel)},
+    }
+    path.write_text(yaml.safe_dump({"architectures": entries}))
+    manifest = write_objects(tmp_path / "objects.yaml", image("host", secret=None))
+    code, _, stderr = run_build(str(manifest), "--config", str(path), "--out", str(tmp_path))
+    assert code == 2
+    assert "listed twice" in stderr
+
+
+def test_catalog_unknown_profile_is_command_error(tmp_path, base_iso):
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"architectures": {"x86_64": {"iso": str(base_iso),
+                                                                 "profile": "nope"}}}))  # fmt: skip
+    manifest = write_objects(tmp_path / "objects.yaml", image("host", secret=None))
+    code, _, stderr = run_build(str(manifest), "--config", str(path), "--out", str(tmp_path))
+    assert code == 2
+    assert "unknown profile 'nope'" in stderr
+
+
+@pytest.mark.parametrize(
+    "arguments,expected",
+    [
+        (["--embed-size", "99999999999999"], "embed size 99999999999999 is invalid"),
+        (["--embed-size", "0"], "embed size 0 is invalid"),
+    ],
+    ids=["too-large", "zero"],
+)
+def test_prepare_base_rejects_embed_size(tmp_path, base_iso, arguments, expected):
+    runner = CliRunner()
+    result = runner.invoke(main, ["prepare-base", str(base_iso), "-o", str(tmp_path / "o.iso"),
+                                  *arguments])  # fmt: skip
+    assert result.exit_code == 2
+    assert expected in result.stderr
+
+
+def test_prepare_base_rejects_non_iso(tmp_path):
+    not_iso = tmp_path / "notes.txt"
+    not_iso.write_bytes(b"hello\n" * 10000)
+    result = CliRunner().invoke(main, ["prepare-base", str(not_iso), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "is not an ISO 9660 image" in result.stderr

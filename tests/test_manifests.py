@@ -86,3 +86,49 @@ def test_alias_bomb_rejected(tmp_path):
     path.write_text("kind: Secret\n" + "\n".join(lines) + "\n")
     with pytest.raises(ManifestError, match="anchors and aliases"):
         load_manifests([path])
+
+
+def write_image(tmp_path, *, name="host", namespace="lab", generation=1):
+    path = tmp_path / "image.yaml"
+    metadata = {"name": name, "namespace": namespace, "generation": generation}
+    path.write_text(yaml.safe_dump({"kind": "PreprovisioningImage", "metadata": metadata}))
+    return path
+
+
+@pytest.mark.parametrize("name", ["../../tmp/escape", "/abs", "Upper", "a_b", "", "x" * 254])
+def test_invalid_name_rejected(tmp_path, name):
+    with pytest.raises(ManifestError) as caught:
+        load_manifests([write_image(tmp_path, name=name)])
+    assert "image.yaml" in str(caught.value)
+
+
+@pytest.mark.parametrize("namespace", ["../..", "/tmp/absdir", "a.b", ["a"], 7])
+def test_invalid_namespace_rejected(tmp_path, namespace):
+    with pytest.raises(ManifestError, match="namespace"):
+        load_manifests([write_image(tmp_path, namespace=namespace)])
+
+
+def test_non_integer_generation_rejected(tmp_path):
+    with pytest.raises(ManifestError, match="metadata.generation 'abc' is not an integer"):
+        load_manifests([write_image(tmp_path, generation="abc")])
+
+
+def test_duplicate_image_rejected(tmp_path):
+    path = write_image(tmp_path)
+    with pytest.raises(ManifestError, match="appears twice"):
+        load_manifests([path, path])
+
+
+def test_nested_list_rejected(tmp_path):
+    inner = {"kind": "List", "items": []}
+    path = tmp_path / "nested.yaml"
+    path.write_text(yaml.safe_dump({"kind": "List", "items": [inner]}))
+    with pytest.raises(ManifestError, match="nests a List inside a List"):
+        load_manifests([path])
+
+
+def test_deep_json_rejected(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        load_manifests([path])

@@ -459,3 +459,30 @@ def test_nmstate_rejects_non_mapping_document():
 def test_nmstate_rejects_duplicate_interface_names():
     with pytest.raises(ImageBuildInvalid, match="the name 'eth0' is used twice"):
         parse(ETHERNET + "- name: eth0\n  type: ethernet\n")
+
+
+def bond(name, ports):
+    return {"name": name, "type": "bond", "state": "up",
+            "link-aggregation": {"mode": "active-backup", "port": ports}}  # fmt: skip
+
+
+def ethernet(name):
+    return {"name": name, "type": "ethernet", "state": "up"}
+
+
+@pytest.mark.parametrize(
+    "interfaces,expected",
+    [
+        ([bond("bond0", ["bond0"])], "its own port"),
+        ([bond("bond0", ["bond1"]), bond("bond1", ["bond0"])], "is itself a bond"),
+        ([ethernet("eth0"), bond("bond0", ["eth0"]), bond("bond1", ["eth0"])], "one bond only"),
+        (
+            [{"name": "v5", "type": "vlan", "state": "up", "vlan": {"base-iface": "v5", "id": 5}}],
+            "its own base",
+        ),
+    ],
+    ids=["bond-self", "bond-loop", "port-twice", "vlan-self"],
+)
+def test_nmstate_rejects_impossible_graph(interfaces, expected):
+    with pytest.raises(ImageBuildInvalid, match=expected):
+        parse_nmstate({"interfaces": interfaces})

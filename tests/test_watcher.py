@@ -420,6 +420,27 @@ def test_secret_change_reaches_its_image(harness: Harness) -> None:
     assert kwargs["token"] != harness.redis.get(contract.built_key(uid)).decode()
 
 
+def test_change_during_build_records_token_only(harness: Harness) -> None:
+    make_secret(harness.kube_api, "nd")
+    created = make_image(harness.kube_api, "host-0", finalizers=[OUR_FINALIZER])
+    uid = created["metadata"]["uid"]
+    make_up_to_date(harness, "host-0")
+    harness.redis.set(contract.lease_key(uid), "delivery-of-a-worker", px=60_000)
+    controller = harness.start()
+    changed = base64.b64encode(b"interfaces: []").decode()
+
+    harness.kube_api.patch("secrets", "nd", {"data": {"nmstate": changed}}, namespace=NAMESPACE)
+
+    last = harness.token("host-0")
+    assert wait_for(lambda: harness.redis.get(contract.desired_key(uid)) == last.encode())
+    assert wait_for(lambda: controller.counters["building"] >= 1)
+    assert messages(harness.redis) == []
+    harness.redis.delete(contract.lease_key(uid))
+    # The recheck after the lease is gone sends the message a dead worker never queued.
+    assert wait_for(lambda: len(messages(harness.redis)) == 1)
+    assert messages(harness.redis)[0]["kwargs"]["token"] == last
+
+
 def test_secret_metadata_change_enqueues_same_token(harness: Harness) -> None:
     make_secret(harness.kube_api, "nd")
     created = make_image(harness.kube_api, "host-0", finalizers=[OUR_FINALIZER])

@@ -25,10 +25,13 @@ from builder.cli import (
     DEFAULT_BROKER_URL,
     CommandError,
     ServiceSettings,
+    metrics_listen_option,
+    parse_host_port,
     service_options,
     service_settings,
 )
 from builder.store import PayloadStore
+from watcher import metrics
 from watcher.enqueue import Enqueuer, broker_redis, celery_producer, ensure_hmac_key
 from watcher.kube import GROUP, PLURAL, VERSION, KubeAccess
 from watcher.lease import DEFAULT_DURATION_SECONDS, DEFAULT_LEASE_NAME, LeaderElector
@@ -49,7 +52,7 @@ namespace_option = click.option(
     "--namespace",
     "namespaces",
     multiple=True,
-    help="Namespace to watch; repeat for several. Default: all namespaces.",
+    help="Namespace to act on (watch, list or rebuild); repeat for several. Default: all.",
 )
 
 
@@ -170,13 +173,25 @@ def build_service(
 )
 @click.option("--lease-name", default=DEFAULT_LEASE_NAME, show_default=True,
               help="Name of the leader election Lease.")
+@metrics_listen_option
 def command(kubeconfig, namespaces, resync_seconds, lease_namespace, lease_name,
-            **options) -> None:
+            metrics_listen, **options) -> None:
     """Watch PreprovisioningImages and Secrets and enqueue the builds that are out of date."""
     settings = service_settings(**options)
+    metrics_address = None
+    if metrics_listen:
+        metrics_address = parse_host_port(metrics_listen, option="--metrics-listen")
     redis_client = check_broker(settings.broker_url)
     api_client = kube_client(kubeconfig)
     check_api(api_client, kubeconfig=kubeconfig, namespaces=namespaces)
+    if metrics_address is not None:
+        queues = [contract.queue_name(name) for name in settings.catalog.architectures]
+        try:
+            metrics.start_exporter(host=metrics_address[0], port=metrics_address[1],
+                                   client=redis_client, queues=queues)  # fmt: skip
+        except OSError as error:
+            raise CommandError(f"--metrics-listen {metrics_listen!r}: {error}") from None
+        log.info("metrics on %s", metrics_listen)
     service = build_service(
         settings=settings, api_client=api_client, redis_client=redis_client,
         loop_settings=LoopSettings(namespaces=tuple(namespaces), resync_seconds=resync_seconds),

@@ -19,6 +19,7 @@ import redis
 from celery import Celery
 
 from builder import contract
+from watcher import metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ class Enqueuer:
     def desired_token(self, uid: str) -> str | None:
         value = self.client.get(contract.desired_key(uid))
         return value.decode() if value is not None else None
+
+    def record_desired(self, uid: str, token: str) -> None:
+        """Record ``token`` as the latest desired token of ``uid`` without sending a message."""
+        self.client.set(contract.desired_key(uid), token)
 
     def building(self, uid: str) -> bool:
         """Return whether a worker holds the build lease of ``uid``."""
@@ -149,3 +154,4 @@ class Enqueuer:
     def _count(self, name: str) -> None:
         with self._lock:
             self.counters[name] += 1
+        metrics.count_enqueue(name)

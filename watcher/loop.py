@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
+from watcher import metrics
 from watcher.kube import KubeAccess
 from watcher.reconcile import Reconciler
 from watcher.state import (
@@ -229,12 +230,12 @@ class Controller:
                 if self._stop.is_set():
                     return
                 if error.status == 410:
-                    self.counters["relists"] += 1
+                    self._count("relists")
                     log.info("%s in %s: resourceVersion %s expired; relisting",
                              sync.__name__, scope, resource_version)
                     resource_version = None
                     continue
-                self.counters["watch_errors"] += 1
+                self._count("watch_errors")
                 delay = backoff.next_delay()
                 log.warning("%s in %s failed: HTTP %s %s; retrying in %.1f s",
                             sync.__name__, scope, error.status, error.reason, delay)
@@ -242,7 +243,7 @@ class Controller:
             except CONNECTION_ERRORS as error:
                 if self._stop.is_set():
                     return
-                self.counters["watch_errors"] += 1
+                self._count("watch_errors")
                 delay = backoff.next_delay()
                 log.warning("%s in %s failed: %s; retrying in %.1f s",
                             sync.__name__, scope, error, delay)
@@ -373,19 +374,23 @@ class Controller:
                     self.reconciler.clean_up_deleted(namespace=key[0], name=key[1], uid=uid)
             outcome = self.reconciler.reconcile(key, retry_due=retry_due)
         except (ApiException, *CONNECTION_ERRORS) as error:
-            self.counters["reconcile_errors"] += 1
+            self._count("reconcile_errors")
             log.warning("%s: reconcile failed: %s; retrying in %.0f s", display, error,
                         ERROR_RETRY_SECONDS)
             self.dirty.mark_later(key, ERROR_RETRY_SECONDS)
             return
         except Exception:
-            self.counters["reconcile_errors"] += 1
+            self._count("reconcile_errors")
             log.exception("%s: reconcile failed; retrying in %.0f s", display, ERROR_RETRY_SECONDS)
             self.dirty.mark_later(key, ERROR_RETRY_SECONDS)
             return
-        self.counters[outcome.action] += 1
+        self._count(outcome.action)
         if outcome.recheck_after is not None:
             self.dirty.mark_later(key, outcome.recheck_after)
+
+    def _count(self, event: str) -> None:
+        self.counters[event] += 1
+        metrics.count_event(event)
 
     def _resync(self) -> None:
         forgotten = self.cache.forget_unwatched()

@@ -155,14 +155,17 @@ class Reconciler:
             log.debug("%s: no build needed: %s", image.display, decision.reason)
             return Outcome("skipped")
 
-        # A worker building this very token will publish it: look again once it is done
-        # instead of queueing a message that would find the work already done.
-        if (
-            built != token
-            and self.enqueuer.desired_token(image.uid) == token
-            and self.enqueuer.building(image.uid)
-        ):
-            log.debug("%s: a worker is building token %s", image.display, token)
+        # While a worker holds the object's lease, another message would only be dropped as
+        # busy, so record the token and look again later instead. The worker queues a build for
+        # a newer desired token after it releases the lease, and the recheck covers the rest (a
+        # worker that dies, or one that checked the status before this change). The desired key
+        # is written before the lease is read and the worker releases the lease before it reads
+        # the desired key. Redis runs commands one at a time, so one of the two reads the
+        # other's write.
+        self.enqueuer.record_desired(image.uid, token)
+        if self.enqueuer.building(image.uid):
+            log.debug("%s: a worker is building it, desired token is now %s", image.display,
+                      token)
             return Outcome("building", recheck_after=self.recheck_seconds)
 
         sent = self.enqueuer.enqueue(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from kubernetes.client.exceptions import ApiException
 
+from watcher import metrics
 from watcher.lease import LeaderElector
 from watcher.loop import CONNECTION_ERRORS, Controller
 
@@ -60,6 +61,7 @@ class WatcherService:
                     self.controller = self.make_controller()
                     self.controller.start()
                     self.leading.set()
+                    metrics.LEADER.set(1)
                 elif not leader and self.controller is not None:
                     log.warning("watcher %s lost Lease %s; stopping the controller",
                                 self.elector.identity, self.elector.display)
@@ -78,3 +80,4 @@ class WatcherService:
         self.controller.stop()
         self.controller = None
         self.leading.clear()
+        metrics.LEADER.set(0)

@@ -17,8 +17,19 @@ import redis
 from kombu.utils.url import maybe_sanitize_url
 
 from builder import contract
-from builder.cli import DEFAULT_BROKER_URL, CommandError, service_options, service_settings
-from worker import tasks
+from builder.build import base_symlinked_dirs
+from builder.cli import (
+    DEFAULT_BROKER_URL,
+    CommandError,
+    ServiceSettings,
+    metrics_listen_option,
+    parse_host_port,
+    service_options,
+    service_settings,
+)
+from builder.errors import BuilderError
+from builder.images import digest_file
+from worker import metrics, tasks
 from worker.app import (
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_SOFT_TIME_LIMIT,
@@ -66,6 +77,22 @@ def check_kubernetes():
     finally:
         client.close()
     return configuration
+
+
+def warm_base_caches(settings: ServiceSettings) -> None:
+    """Hash every base image and scan every base initramfs once, before the pool forks.
+
+    The caches live in process memory, so children forked afterwards start with them instead
+    of each hashing a 1 GB ISO on its first build.
+    """
+    for base in settings.catalog.architectures.values():
+        for path in (base.iso, base.initrd):
+            if path is not None:
+                digest_file(path)
+        try:
+            base_symlinked_dirs(base)
+        except BuilderError as error:
+            raise CommandError(f"base images for {base.architecture}: {error}") from None
 
 
 @click.command("worker")
@@ -123,6 +150,7 @@ def check_kubernetes():
     type=click.Choice(("DEBUG", "INFO", "WARNING", "ERROR"), case_sensitive=False),
     help="Log level of the worker.",
 )
+@metrics_listen_option
 def command(
     broker_url,
     store,
@@ -140,6 +168,7 @@ def command(
     visibility_timeout,
     max_deliveries,
     loglevel,
+    metrics_listen,
 ) -> None:
     """Run a build worker: consume build messages and write PreprovisioningImage statuses."""
     settings = service_settings(
@@ -169,8 +198,21 @@ def command(
     if not queue_names:
         raise CommandError("--queues: no queue names given")
 
+    metrics_address = None
+    if metrics_listen:
+        metrics_address = parse_host_port(metrics_listen, option="--metrics-listen")
+
     check_broker(settings.broker_url)
     kube_configuration = check_kubernetes()
+    warm_base_caches(settings)
+
+    if metrics_address is not None:
+        directory = metrics.prepare_multiprocess_directory()
+        try:
+            metrics.start_exporter(host=metrics_address[0], port=metrics_address[1])
+        except OSError as error:
+            raise CommandError(f"--metrics-listen {metrics_listen!r}: {error}") from None
+        log.info("metrics on %s (values in %s)", metrics_listen, directory)
 
     configure_app(app, broker_url=settings.broker_url, queues=queue_settings)
     tasks.configure(

@@ -34,6 +34,7 @@ from builder.images import digest_file
 from builder.status import (
     REASON_BUILD_INVALID,
     REASON_CONFIGURATION,
+    REASON_SUCCESS,
     ErrorOutcome,
     ImageOutcome,
     compute_status,
@@ -42,6 +43,7 @@ from builder.status import (
     status_patch,
 )
 from builder.store import PayloadStore, StoreError
+from worker import metrics
 from worker.app import QueueSettings, app, queue_settings_from_environment
 from worker.kube import Conflict, KubeClient, KubeError, load_configuration
 
@@ -171,8 +173,11 @@ def build(self, namespace: str, name: str, uid: str, token: str) -> str:
     request = BuildRequest(namespace=namespace, name=name, uid=uid, token=token)
     runtime = current_runtime()
     try:
-        return run_build(request, runtime=runtime, delivery_id=self.request.id or "")
+        outcome = run_build(request, runtime=runtime, delivery_id=self.request.id or "")
+        metrics.record_delivery(outcome)
+        return outcome
     except (TransientError, KubeError, redis.RedisError, SoftTimeLimitExceeded) as error:
+        metrics.record_delivery("failed")
         retries = self.request.retries or 0
         reason = type(error).__name__
         if retries >= MAX_TRANSIENT_RETRIES:
@@ -195,6 +200,7 @@ def build(self, namespace: str, name: str, uid: str, token: str) -> str:
         )
         raise self.retry(exc=BuildFailed(reason), countdown=delay) from None
     except Exception as error:  # noqa: BLE001 (the message may quote a Secret value)
+        metrics.record_delivery("failed")
         log.error("%s: build failed with %s", request.object_name, type(error).__name__)
         # The watcher queues it again; the redelivery cap ends a failure that repeats.
         _schedule_recheck_quietly(runtime, request)
@@ -271,13 +277,16 @@ def _build_with_lease(request: BuildRequest, *, runtime: Runtime) -> LeaseResult
 
     desired = _get(client, contract.desired_key(request.uid)) or request.token
     if inputs.live != desired:
-        # The watcher has not seen the latest change yet; it queues a build when it does.
+        # The watcher has not read the latest change yet and queues a build when it does. If
+        # it reads the change while this run holds the lease, it only records the desired
+        # token, so the token read here counts as handled and a newer one is queued after the
+        # lease is released.
         log.info(
             "%s: live inputs differ from the desired token, leaving it to the watcher",
             request.object_name,
         )
         _schedule_recheck(runtime, request)
-        return LeaseResult("stale")
+        return LeaseResult("stale", handled_token=desired, architecture=architecture)
 
     if deliveries > runtime.queues.max_deliveries:
         outcome = _give_up(request, runtime=runtime, inputs=inputs, deliveries=deliveries)
@@ -352,7 +361,15 @@ def _build_and_report(request: BuildRequest, *, runtime: Runtime, inputs: Inputs
             request.object_name,
         )
 
+    started = time.monotonic()
     outcome = _plan_and_publish(request, runtime=runtime, inputs=inputs)
+    if isinstance(outcome, ImageOutcome):
+        metrics.observe_build_duration(
+            image_format=outcome.image_format, seconds=time.monotonic() - started
+        )
+        metrics.record_build(result="success", reason=REASON_SUCCESS)
+    else:
+        metrics.record_build(result="error", reason=outcome.reason)
     if _write(request, runtime=runtime, inputs=inputs, outcome=outcome) is None:
         return "stale"
 
@@ -530,6 +547,7 @@ def _patch(
         try:
             return runtime.kube.patch_image_status(request.namespace, request.name, body)
         except Conflict:
+            metrics.record_conflict()
             log.info(
                 "%s: status write hit a stale resourceVersion %s, reading it again",
                 request.object_name,
