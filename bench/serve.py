@@ -6,6 +6,8 @@ the same image with ``sendfile on``. Both listen on 127.0.0.1, and the same clie
 writing to /dev/null) downloads the image with 1 and with 16 concurrent transfers. Rounds
 rotate the order of the servers, so a change of machine load hits all of them. Each server's CPU
 time comes from /proc/PID/stat and the clients' CPU time from getrusage of the curl processes.
+TCP segments are the machine's OutSegs counter (/proc/net/snmp) over a round: data segments and
+the client's ACKs both count, and so does any other TCP traffic of the machine at the time.
 
 ``--compare-with DIR`` also runs ``ppimage serve`` from another copy of this repository (an
 older version, say) on the same store, so a change is measured against its baseline and nginx
@@ -76,6 +78,7 @@ class Round:
     total_bytes: int
     client_cpu: float
     server_cpu: float
+    segments: int
 
     @property
     def throughput(self) -> float:
@@ -117,10 +120,18 @@ def server_cpu(pid: int) -> float:
                                          common.children_of(pid))  # fmt: skip
 
 
+def tcp_segments_sent() -> int:
+    """Return the machine's count of TCP segments sent (Tcp OutSegs in /proc/net/snmp)."""
+    with open("/proc/net/snmp") as handle:
+        names, values = [line.split() for line in handle if line.startswith("Tcp:")]
+    return int(values[names.index("OutSegs")])
+
+
 def download_round(url: str, concurrency: int, server_pid: int, label: str) -> Round:
     command = ["curl", "-s", "-S", "-f", "-o", "/dev/null", "-w", "%{size_download}\n", url]
     cpu_before = common.children_cpu_seconds()
     server_before = server_cpu(server_pid)
+    segments_before = tcp_segments_sent()
     started = time.perf_counter()
     clients = [
         subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(concurrency)
@@ -136,6 +147,7 @@ def download_round(url: str, concurrency: int, server_pid: int, label: str) -> R
         server=label, concurrency=concurrency, seconds=elapsed, total_bytes=sum(sizes),
         client_cpu=common.children_cpu_seconds() - cpu_before,
         server_cpu=server_cpu(server_pid) - server_before,
+        segments=tcp_segments_sent() - segments_before,
     )  # fmt: skip
 
 
@@ -150,7 +162,8 @@ def sha256_of_url(url: str) -> str:
 def report(rounds: list[Round], labels: list[str]) -> None:
     width = max(len(label) for label in labels)
     print(f"  {'server':<{width}} {'conc.':>5} {'runs':>4} {'median MB/s':>12} {'min':>9}"
-          f" {'max':>9} {'server CPU s':>13} {'client CPU s':>13}")  # fmt: skip
+          f" {'max':>9} {'server CPU s':>13} {'client CPU s':>13}"
+          f" {'TCP segments/GiB':>17}")  # fmt: skip
     for concurrency in sorted({entry.concurrency for entry in rounds}):
         medians = {}
         for label in labels:
@@ -162,6 +175,7 @@ def report(rounds: list[Round], labels: list[str]) -> None:
                 f" {min(rates):>9,.0f} {max(rates):>9,.0f}"
                 f" {common.median([r.server_cpu for r in chosen]):>13.2f}"
                 f" {common.median([r.client_cpu for r in chosen]):>13.2f}"
+                f" {common.median([r.segments / (r.total_bytes / GIB) for r in chosen]):>17,.0f}"
             )
         for label in labels:
             if label == NGINX_LABEL:

@@ -135,9 +135,7 @@ def initrd_layout(base: Path, payload: bytes) -> Layout:
 def iso_layout(base: Path, area: EmbedArea, payload: bytes) -> Layout:
     """Describe the base ISO with ``payload`` written at the start of its embed area.
 
-    The rest of the area stays zero, which the kernel skips between initramfs members. The
-    payload's literal segment includes the zeros up to the next 4 KiB file offset, so it can be
-    up to 4095 bytes longer than the payload. The image bytes are the same either way.
+    The rest of the area stays zero, which the kernel skips between initramfs members.
 
     :raises ImageBuildInvalid: the payload does not fit in the embed area.
     """
@@ -148,15 +146,11 @@ def iso_layout(base: Path, area: EmbedArea, payload: bytes) -> Layout:
             " (raise the embed size with prepare-base --embed-size)"
         )
     size = _file_size(base)
-    # The literal runs on with the area's zeros to the next 4 KiB boundary, unless the area ends
-    # first, so the base range after it starts page-aligned. sendfile(2) then hands the socket
-    # whole page-cache pages instead of splitting every page across two buffer fragments.
-    payload_end = area.offset + len(payload)
-    after = min(payload_end + (-payload_end % 4096), area.offset + area.size)
+    after = area.offset + len(payload)
     return Layout(
         segments=(
             BaseRange(path=base, offset=0, length=area.offset),
-            Literal(data=payload + bytes(after - area.offset - len(payload))),
+            Literal(data=payload),
             BaseRange(path=base, offset=after, length=size - after),
         )
     )

@@ -14,9 +14,9 @@ import time
 
 import click
 
-from builder.cli import CommandError, service_options, service_settings
+from builder.settings import CommandError, service_options, service_settings
 from builder.store import PayloadStore
-from server.http import ImageServer, make_server
+from server.http import DEFAULT_MAX_CONNECTIONS, ImageServer, make_server
 from server.resolver import Resolver
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,35 @@ def parse_listen(listen: str) -> tuple[str, int]:
     show_default=True,
     help="Address and TCP port to listen on, HOST:PORT ([::1]:8080 for IPv6). Env: PPIMAGE_LISTEN.",
 )
-def command(listen: str, **options: object) -> None:
+@click.option(
+    "--max-connections",
+    envvar="PPIMAGE_MAX_CONNECTIONS",
+    default=DEFAULT_MAX_CONNECTIONS,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Connections served at once, one thread each. More connections get 503 with"
+    " Retry-After."
+    " Env: PPIMAGE_MAX_CONNECTIONS.",
+)
+def command(listen: str, max_connections: int, **options: object) -> None:
     """Serve published images, base kernels, health probes and metrics over HTTP."""
     host, port = parse_listen(listen)
     settings = service_settings(**options, writes_store=False)
     resolver = Resolver(store=PayloadStore(settings.store), catalog=settings.catalog)
     try:
-        server = make_server(resolver=resolver, host=host, port=port)
+        server = make_server(
+            resolver=resolver, host=host, port=port, max_connections=max_connections
+        )
     except OSError as error:
         raise CommandError(f"--listen {listen!r}: cannot listen there: {error}") from error
     bound_host, bound_port = server.server_address[:2]
     log.info(
-        "image server listening on %s port %d, store %s", bound_host, bound_port, settings.store
+        "image server listening on %s port %d (backlog %d, at most %d connections), store %s",
+        bound_host,
+        bound_port,
+        server.request_queue_size,
+        server.max_connections,
+        settings.store,
     )
     run(server, resolver)
 

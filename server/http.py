@@ -6,20 +6,30 @@ Routes: ``/images/NAMESPACE/NAME/UID/IMAGE_ID.iso|.initrd`` (a published image),
 are 405. Paths are matched raw, before any percent-decoding: no valid name needs escaping, so an
 encoded slash or dot never reaches the store. Base ranges go to the socket with sendfile(2)
 and only literal segments (the payload and padding) pass through Python.
+
+Each connection gets a thread, up to ``max_connections``. A connection over that limit gets
+503 with Retry-After from one shared thread, so a flood of connections adds no threads.
+Requests carry no body: a small one is read and dropped, a larger or chunked one is rejected
+and the connection closed, so a body is never parsed as the next request.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import re
 import select
+import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
@@ -39,6 +49,19 @@ log = logging.getLogger(__name__)
 
 # Idle keep-alive connections and clients that stop reading are dropped after this long.
 DEFAULT_TIMEOUT_SECONDS = 60.0
+# Connections served at once, one thread each. More connections get 503 until one closes.
+DEFAULT_MAX_CONNECTIONS = 1024
+# Listen backlog requested from listen(2). Linux caps it at net.core.somaxconn.
+DEFAULT_BACKLOG = 1024
+RETRY_AFTER_SECONDS = 2
+# A GET or HEAD body up to this size is read and dropped, and a larger one gets 413.
+MAX_DISCARDED_BODY = 64 * 1024
+# A rejected connection is read until the client closes it, or for this long, before it closes.
+# Closing with unread request bytes would send a reset that can destroy the 503 in flight.
+_REJECT_LINGER_SECONDS = 2.0
+_SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+# Printable ASCII logged as it is. Other bytes of a request target are logged percent-encoded.
+_LOG_SAFE_CHARACTERS = "!#$%&'()*+,-./:;<=>?@[]^_`{|}~"
 
 _IMAGE_PATH = re.compile(r"^/images/([^/]+)/([^/]+)/([^/]+)/([^/]+)\.(iso|initrd)$")
 _KERNEL_PATH = re.compile(r"^/bases/([A-Za-z0-9_-]{1,32})/kernel$")
@@ -66,19 +89,61 @@ class ImageServer(ThreadingHTTPServer):
         *,
         resolver: Resolver,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
-        # An IPv6 literal needs an AF_INET6 socket. TCPServer.__init__ reads this attribute.
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        # An IPv6 literal needs an AF_INET6 socket. TCPServer.__init__ reads both attributes.
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self.request_queue_size = listen_backlog()
         self.resolver = resolver
         self.request_timeout = timeout
+        self.max_connections = max_connections
         self._active = 0
         self._active_lock = threading.Lock()
+        self._connections = 0
+        self._connections_lock = threading.Lock()
+        self._rejecter = OverloadRejecter()
         super().__init__(address, ImageRequestHandler)
 
     def handle_error(self, request: object, client_address: tuple) -> None:
         """Log an unexpected error of one connection. The server keeps running."""
         log.exception("client %s: request failed", client_address[0])
+
+    @property
+    def open_connections(self) -> int:
+        """Number of connections that have a handler thread right now."""
+        return self._connections
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        """Start a handler thread for the connection, or hand it to the rejecter when full."""
+        with self._connections_lock:
+            accepted = self._connections < self.max_connections
+            if accepted:
+                self._connections += 1
+        if not accepted:
+            self._rejecter.reject(request, client_address, limit=self.max_connections)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_closed()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_closed()
+
+    def _connection_closed(self) -> None:
+        with self._connections_lock:
+            self._connections -= 1
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._rejecter.close()
 
     @property
     def active_downloads(self) -> int:
@@ -100,8 +165,14 @@ class ImageRequestHandler(BaseHTTPRequestHandler):
     """One HTTP/1.1 connection, kept alive unless a response had to close it."""
 
     protocol_version = "HTTP/1.1"
+    # The base class writes no status line for this version; errors always get one.
+    default_request_version = "HTTP/1.0"
     server_version = "ppimage"
     server: ImageServer
+
+    def version_string(self) -> str:
+        """Return the Server header value: the product name, without Python's version."""
+        return self.server_version
 
     def handle(self) -> None:
         # A reset between requests surfaces while reading the next request line.
@@ -114,6 +185,89 @@ class ImageRequestHandler(BaseHTTPRequestHandler):
         self.timeout = self.server.request_timeout
         super().setup()
 
+    def handle_one_request(self) -> None:
+        # The base class sets none of these when the request line is too long (414).
+        self.command = None
+        self.path = ""
+        self.request_version = self.default_request_version
+        self._start()
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        """Parse the request line and headers, then read and drop a request body.
+
+        Returns False after sending an error response, which closes the connection.
+        """
+        # An HTTP/0.9 request line has no version, and no headers follow it. The base class
+        # would wait for a blank line that never comes until the timeout.
+        if len(self.raw_requestline.split()) == 2:
+            return self._reject_http_0_9()
+        if not super().parse_request():
+            return False
+        return self._discard_body()
+
+    def _reject_http_0_9(self) -> bool:
+        # The client shows the status line and headers as text, which still explains the error.
+        self.command, self.path = str(self.raw_requestline, "iso-8859-1").split()
+        self.send_error(
+            HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/0.9 requests are not supported"
+        )
+        return False
+
+    def _discard_body(self) -> bool:
+        # A body left unread would be parsed as the next request of the connection.
+        if "Transfer-Encoding" in self.headers:
+            self.send_error(
+                HTTPStatus.BAD_REQUEST,
+                f"a {self.command} request must not have a Transfer-Encoding header;"
+                " send it without a body",
+            )
+            return False
+        lengths = set(self.headers.get_all("Content-Length") or [])
+        if not lengths:
+            return True
+        text = lengths.pop().strip()
+        if lengths or not text.isdigit() or not text.isascii():
+            self.send_error(HTTPStatus.BAD_REQUEST, "invalid Content-Length header")
+            return False
+        length = int(text)
+        if length > MAX_DISCARDED_BODY:
+            self.send_error(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"a {self.command} request body of {length} bytes is too large; send at most"
+                f" {MAX_DISCARDED_BODY} bytes, or none, because the server ignores it",
+            )
+            return False
+        remaining = length
+        while remaining:
+            chunk = self.rfile.read(remaining)
+            if not chunk:
+                self.close_connection = True
+                return False
+            remaining -= len(chunk)
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Send an error as text/plain, close the connection and log the request.
+
+        The base class calls this for requests it cannot parse (400, 414, 431, 501, 505).
+        ``explain`` is ignored, because the base class fills it with generic text.
+        """
+        status = HTTPStatus(code)
+        text = f"{status.phrase.lower()}: {message}\n" if message else f"{_reason(code)}\n"
+        try:
+            self._send_text(
+                status,
+                text,
+                send_body=self.command != "HEAD",
+                headers={"Connection": "close"},
+            )
+        except ClientDisconnected as error:
+            log.debug("client %s disconnected: %s", self.client_address[0], error)
+        finally:
+            self.close_connection = True
+            self._log_request()
+
     def do_GET(self) -> None:  # noqa: N802 (name fixed by BaseHTTPRequestHandler)
         self._handle(send_body=True)
 
@@ -123,7 +277,6 @@ class ImageRequestHandler(BaseHTTPRequestHandler):
     def _reject_method(self) -> None:
         # The request may carry a body this server does not read, so the connection closes.
         self.close_connection = True
-        self._start()
         try:
             self._send_text(
                 HTTPStatus.METHOD_NOT_ALLOWED,
@@ -148,7 +301,6 @@ class ImageRequestHandler(BaseHTTPRequestHandler):
         self._route = "other"
 
     def _handle(self, *, send_body: bool) -> None:
-        self._start()
         path = self.path.split("?", 1)[0]
         try:
             self._dispatch(path, send_body=send_body)
@@ -159,7 +311,7 @@ class ImageRequestHandler(BaseHTTPRequestHandler):
                 self._object_prefix(),
                 self.client_address[0],
                 self._sent,
-                path,
+                escape_for_log(path),
                 error,
             )
         except TruncatedBase as error:
@@ -240,7 +392,9 @@ class ImageRequestHandler(BaseHTTPRequestHandler):
             return
 
         byte_range = None
-        range_header = self.headers.get("Range")
+        # Several Range fields cannot be combined into one value, so none of them counts.
+        range_fields = self.headers.get_all("Range") or []
+        range_header = range_fields[0] if len(range_fields) == 1 else None
         if range_header is not None and range_applies(
             if_range=self.headers.get("If-Range"),
             etag=resource.etag,
@@ -265,9 +419,30 @@ class ImageRequestHandler(BaseHTTPRequestHandler):
             status = HTTPStatus.PARTIAL_CONTENT
             headers["Content-Range"] = byte_range.content_range(resource.size)
         headers["Content-Length"] = str(byte_range.length)
-        self._send_headers(status, headers)
-        if send_body and byte_range.length > 0:
+        if not send_body or byte_range.length == 0:
+            self._send_headers(status, headers)
+            return
+        with self._corked():
+            self._send_headers(status, headers)
             self._stream(resource, start=byte_range.first, end=byte_range.last + 1)
+
+    @contextlib.contextmanager
+    def _corked(self) -> Iterator[None]:
+        """Hold back partial TCP segments while a response is written (TCP_CORK, Linux).
+
+        Without the cork, the headers and the payload leave as small packets of their own, and
+        each write or sendfile call pushes its last, partly filled segment. With it, segments
+        leave full, and removing the cork sends what remains. docs/benchmarks.md has the
+        throughput measured with and without it.
+        """
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        try:
+            yield
+        finally:
+            try:
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            except OSError as error:
+                log.debug("client %s disconnected: %s", self.client_address[0], error)
 
     # Writing responses.
 
@@ -372,14 +547,15 @@ class ImageRequestHandler(BaseHTTPRequestHandler):
         return f"{self._object_name}: " if self._object_name else ""
 
     def _log_request(self) -> None:
-        path = self.path.split("?", 1)[0]
+        command = self.command or "-"
+        path = (self.path or "-").split("?", 1)[0]
         level = logging.DEBUG if self._route == "probe" else logging.INFO
         log.log(
             level,
             "%s%s %s %s from %s: %d bytes in %.3f s",
             self._object_prefix(),
-            self.command,
-            path,
+            escape_for_log(command),
+            escape_for_log(path),
             self._status,
             self.client_address[0],
             self._sent,
@@ -433,13 +609,183 @@ def send_file_range(
     return sent
 
 
+class OverloadRejecter:
+    """Rejecter of connections over the limit, which sends 503 and Retry-After from one thread.
+
+    The response goes out as soon as the connection arrives, before its request is read, so no
+    parsing is needed. The connection is then read until the client closes it, or for
+    ``linger`` seconds, and closed. At most ``max_pending`` connections wait in that state at
+    once, and more are closed right after the response.
+    """
+
+    def __init__(
+        self, *, linger: float = _REJECT_LINGER_SECONDS, max_pending: int = DEFAULT_BACKLOG
+    ) -> None:
+        self.linger = linger
+        self.max_pending = max_pending
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        self._lock = threading.Lock()
+        self._incoming: list[socket.socket] = []
+        self._deadlines: dict[socket.socket, float] = {}
+        self._rejected = 0
+        self._last_warning = 0.0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def reject(self, connection: socket.socket, client_address: tuple, *, limit: int) -> None:
+        """Send 503 on ``connection`` without blocking, and queue it to be read and closed.
+
+        The response is about 230 bytes and the send buffer of a new connection is empty, so a
+        non-blocking send takes it whole.
+        """
+        metrics.REJECTED_CONNECTIONS.inc()
+        self._warn(client_address, limit)
+        try:
+            connection.setblocking(False)
+            connection.send(_overload_response())
+            connection.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            log.debug("client %s disconnected: %s", client_address[0], error)
+            connection.close()
+            return
+        with self._lock:
+            if self._closed or len(self._deadlines) + len(self._incoming) >= self.max_pending:
+                connection.close()
+                return
+            self._incoming.append(connection)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="overload-rejecter", daemon=True
+                )
+                self._thread.start()
+        self._wake()
+
+    def close(self) -> None:
+        """Stop the thread and close every connection it still reads."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._wake()
+        if thread is not None:
+            thread.join(timeout=5)
+        with self._lock:
+            for connection in [*self._incoming, *self._deadlines]:
+                connection.close()
+            self._incoming.clear()
+            self._deadlines.clear()
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def _warn(self, client_address: tuple, limit: int) -> None:
+        # One warning per minute at most, with the count since the previous one.
+        self._rejected += 1
+        now = time.monotonic()
+        if now - self._last_warning < 60 and self._last_warning:
+            return
+        log.warning(
+            "connection from %s rejected with 503: all %d connections (--max-connections) are"
+            " in use; %d rejected since the previous warning",
+            client_address[0],
+            limit,
+            self._rejected,
+        )
+        self._rejected = 0
+        self._last_warning = now
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or the rejecter is closed
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                for connection in self._incoming:
+                    self._deadlines[connection] = time.monotonic() + self.linger
+                    self._selector.register(connection, selectors.EVENT_READ)
+                self._incoming.clear()
+            now = time.monotonic()
+            timeout = min(self._deadlines.values(), default=now + self.linger) - now
+            for key, _ in self._selector.select(timeout=max(0.0, timeout)):
+                if key.fileobj is self._wake_reader:
+                    self._drain(self._wake_reader)
+                elif not self._drain(key.fileobj):
+                    self._finish(key.fileobj)
+            now = time.monotonic()
+            for connection, deadline in list(self._deadlines.items()):
+                if deadline <= now:
+                    self._finish(connection)
+
+    @staticmethod
+    def _drain(connection: socket.socket) -> bool:
+        """Read and drop what is buffered. Return False once the peer closed or reset.
+
+        One recv per call, so a client that keeps sending cannot hold the thread.
+        """
+        try:
+            return bool(connection.recv(65536))
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def _finish(self, connection: socket.socket) -> None:
+        self._selector.unregister(connection)
+        with self._lock:
+            self._deadlines.pop(connection, None)
+        connection.close()
+
+
+@functools.cache
+def _overload_response() -> bytes:
+    body = (
+        f"service unavailable: too many connections; retry in {RETRY_AFTER_SECONDS} s\n"
+    ).encode()
+    return (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        f"Server: {ImageRequestHandler.server_version}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Retry-After: {RETRY_AFTER_SECONDS}\r\n"
+        "Cache-Control: no-store\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+
+
+def listen_backlog() -> int:
+    """Return the listen backlog to request: DEFAULT_BACKLOG, or somaxconn when lower."""
+    try:
+        somaxconn = int(_SOMAXCONN.read_text())
+    except (OSError, ValueError):
+        return DEFAULT_BACKLOG
+    return max(1, min(DEFAULT_BACKLOG, somaxconn))
+
+
+def escape_for_log(text: str) -> str:
+    """Percent-encode the raw bytes of a request-line field that are not printable ASCII.
+
+    The base class decodes the request line as ISO-8859-1, so encoding back recovers its bytes.
+    """
+    return urllib.parse.quote(text.encode("iso-8859-1", "replace"), safe=_LOG_SAFE_CHARACTERS)
+
+
 def _reason(status: int) -> str:
     return HTTPStatus(status).phrase.lower()
 
 
-def make_server(*, resolver: Resolver, host: str, port: int) -> ImageServer:
+def make_server(
+    *, resolver: Resolver, host: str, port: int, max_connections: int = DEFAULT_MAX_CONNECTIONS
+) -> ImageServer:
     """Bind an image server to ``host``:``port``, where port 0 picks a free port.
 
     :raises OSError: the address is in use or cannot be assigned.
     """
-    return ImageServer((host, port), resolver=resolver)
+    return ImageServer((host, port), resolver=resolver, max_connections=max_connections)

@@ -18,3 +18,7 @@ REQUESTS = Counter(
     "HTTP requests answered, by status code.",
     ["code"],
 )
+REJECTED_CONNECTIONS = Counter(
+    "ppimage_server_rejected_connections",
+    "Connections answered with 503 because --max-connections connections were open.",
+)

@@ -11,8 +11,11 @@ import email.utils
 import re
 from dataclasses import dataclass
 
-# A byte position has at most 19 digits, which keeps it inside a signed 64-bit file offset.
-_RANGE_SPEC = re.compile(r"^(\d{0,19})-(\d{0,19})$")
+_RANGE_SPEC = re.compile(r"^(\d*)-(\d*)$")
+# Positions with more significant digits than this are past the end of any file (2**63 has 19),
+# and are not converted, because int() rejects strings of more than 4300 digits.
+_MAX_POSITION_DIGITS = 19
+_PAST_ANY_END = 1 << 64
 
 
 class RangeNotSatisfiable(ValueError):
@@ -57,18 +60,32 @@ def parse_range(header: str, size: int) -> ByteRange | None:
     if not first_text:
         if not last_text:
             return None
-        suffix = int(last_text)
+        suffix = _position(last_text)
         if suffix == 0 or size == 0:
             raise RangeNotSatisfiable(header)
         return ByteRange(first=max(0, size - suffix), last=size - 1)
 
-    first = int(first_text)
-    if last_text and int(last_text) < first:
+    if last_text and _digits_key(last_text) < _digits_key(first_text):
         return None
+    first = _position(first_text)
     if first >= size:
         raise RangeNotSatisfiable(header)
-    last = min(int(last_text), size - 1) if last_text else size - 1
-    return ByteRange(first=first, last=last)
+    # A last position at or past the end means the end, however many digits it has.
+    last = _position(last_text) if last_text else _PAST_ANY_END
+    return ByteRange(first=first, last=min(last, size - 1))
+
+
+def _digits_key(digits: str) -> tuple[int, str]:
+    """Return a key that orders decimal strings by value without converting them."""
+    significant = digits.lstrip("0")
+    return len(significant), significant
+
+
+def _position(digits: str) -> int:
+    significant = digits.lstrip("0")
+    if len(significant) > _MAX_POSITION_DIGITS:
+        return _PAST_ANY_END
+    return int(significant or "0")
 
 
 def http_date(timestamp: float) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import logging
 import os
 import shutil
@@ -24,13 +25,19 @@ from click.testing import CliRunner
 
 from builder import images
 from builder.catalog import Catalog, single_architecture
-from builder.cli import CommandError
 from builder.payload import pack_payload
 from builder.rendering import PayloadFile
+from builder.settings import CommandError
 from builder.store import ImageRecord, PayloadStore
 from server.cli import command as serve_command
 from server.cli import parse_listen
-from server.http import ImageServer, make_server
+from server.http import (
+    MAX_DISCARDED_BODY,
+    RETRY_AFTER_SECONDS,
+    ImageServer,
+    listen_backlog,
+    make_server,
+)
 from server.ranges import (
     ByteRange,
     RangeNotSatisfiable,
@@ -129,9 +136,7 @@ def publish(
 
 
 @contextmanager
-def running(resolver: Resolver) -> Iterator[ImageServer]:
-    resolver.warm()
-    server = make_server(resolver=resolver, host="127.0.0.1", port=0)
+def serving(server: ImageServer) -> Iterator[ImageServer]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -140,6 +145,16 @@ def running(resolver: Resolver) -> Iterator[ImageServer]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@contextmanager
+def running(resolver: Resolver, *, max_connections: int = 1024) -> Iterator[ImageServer]:
+    resolver.warm()
+    server = make_server(
+        resolver=resolver, host="127.0.0.1", port=0, max_connections=max_connections
+    )
+    with serving(server):
+        yield server
 
 
 @dataclass
@@ -159,6 +174,32 @@ def fetch(
         return Response(response.status, response.headers, response.read())
     finally:
         connection.close()
+
+
+class _RecordedSocket:
+    """The socket interface http.client.HTTPResponse reads from, over bytes already received."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def makefile(self, mode: str) -> io.BytesIO:
+        return io.BytesIO(self._data)
+
+
+def parse_response(data: bytes) -> Response:
+    response = http.client.HTTPResponse(_RecordedSocket(data))  # type: ignore[arg-type]
+    response.begin()
+    return Response(response.status, response.headers, response.read())
+
+
+def exchange(server: ImageServer, request: bytes, *, timeout: float = 10.0) -> bytes:
+    """Send raw request bytes and return everything received until the server closes."""
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout) as client:
+        client.sendall(request)
+        chunks = []
+        while chunk := client.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def sha256(data: bytes) -> str:
@@ -298,6 +339,17 @@ def test_range_past_end_is_clipped(server: ImageServer, initrd_image: Published)
     assert response.body == expected[first:]
 
 
+@pytest.mark.parametrize("digits", [11, 19, 20, 40, 5000])
+def test_range_long_end_is_clipped(
+    server: ImageServer, initrd_image: Published, digits: int
+) -> None:
+    size = initrd_image.expected.stat().st_size
+    response = fetch(server, url(initrd_image), headers={"Range": f"bytes=100-{'9' * digits}"})
+    assert response.status == 206
+    assert response.headers["Content-Range"] == f"bytes 100-{size - 1}/{size}"
+    assert len(response.body) == size - 100
+
+
 def test_range_unsatisfiable_is_416(server: ImageServer, iso_image: Published) -> None:
     size = iso_image.expected.stat().st_size
     response = fetch(server, url(iso_image), headers={"Range": f"bytes={size}-"})
@@ -311,6 +363,22 @@ def test_range_multiple_serves_whole(server: ImageServer, iso_image: Published) 
     assert response.status == 200
     assert "Content-Range" not in response.headers
     assert sha256(response.body) == sha256(expected)
+
+
+def test_range_two_fields_serve_whole(server: ImageServer, initrd_image: Published) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    try:
+        connection.putrequest("GET", url(initrd_image))
+        connection.putheader("Range", "bytes=0-9")
+        connection.putheader("Range", "bytes=10-19")
+        connection.endheaders()
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    assert response.status == 200
+    assert "Content-Range" not in response.headers
+    assert len(body) == initrd_image.expected.stat().st_size
 
 
 def test_range_invalid_serves_whole(server: ImageServer, iso_image: Published) -> None:
@@ -470,6 +538,179 @@ def test_other_methods_405(server: ImageServer, iso_image: Published, method: st
     assert response.headers["Allow"] == "GET, HEAD"
 
 
+# Request bodies, old protocol versions and errors the base class raises.
+
+
+def test_get_body_read_and_dropped(server: ImageServer) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    try:
+        # The body looks like a request, so a server that leaves it unread responds to it next.
+        connection.request("GET", "/healthz", body=b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = connection.getresponse()
+        first_body = first.read()
+        connection.request("GET", "/readyz")
+        second = connection.getresponse()
+        second_body = second.read()
+    finally:
+        connection.close()
+    assert first.status == 200
+    assert first_body == b"ok\n"
+    assert second.status == 200
+    assert second_body == b"ready\n"
+
+
+def test_get_body_too_large_413(server: ImageServer) -> None:
+    length = MAX_DISCARDED_BODY + 1
+    request = f"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+    started = time.monotonic()
+    response = parse_response(exchange(server, request.encode()))
+    assert response.status == 413
+    assert response.headers["Connection"] == "close"
+    assert str(MAX_DISCARDED_BODY) in response.body.decode()
+    assert time.monotonic() - started < 5
+
+
+def test_get_chunked_body_400(server: ImageServer) -> None:
+    request = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    response = parse_response(exchange(server, request))
+    assert response.status == 400
+    assert response.headers["Connection"] == "close"
+    assert b"Transfer-Encoding" in response.body
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1, 2"])
+def test_get_invalid_content_length_400(server: ImageServer, value: str) -> None:
+    request = f"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: {value}\r\n\r\n"
+    response = parse_response(exchange(server, request.encode()))
+    assert response.status == 400
+    assert response.body == b"bad request: invalid Content-Length header\n"
+
+
+def test_http_0_9_request_rejected_promptly(
+    server: ImageServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.http")
+    started = time.monotonic()
+    response = parse_response(exchange(server, b"GET /healthz\r\n"))
+    assert time.monotonic() - started < 5
+    assert response.status == 505
+    assert b"HTTP/0.9" in response.body
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("GET /healthz 505 from 127.0.0.1" in message for message in messages)
+    assert not any(" 200 " in message for message in messages)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET / HTTP/2.0\r\n\r\n", 505),
+        (b"GET / HTTP/x\r\n\r\n", 400),
+        (b"FOO / HTTP/1.1\r\n\r\n", 501),
+        # Exactly as many bytes as the base class reads, so none are left unread at close.
+        (b"GET /" + b"a" * 65532, 414),
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * 65534, 431),
+    ],
+    ids=["505", "400", "501", "414", "431"],
+)
+def test_base_class_errors_are_text(server: ImageServer, request_bytes: bytes, status: int) -> None:
+    response = parse_response(exchange(server, request_bytes))
+    assert response.status == status
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert response.headers["Server"] == "ppimage"
+    assert response.headers["Connection"] == "close"
+    assert b"<" not in response.body
+    assert int(response.headers["Content-Length"]) == len(response.body)
+
+
+def test_server_header_is_product_name(server: ImageServer, initrd_image: Published) -> None:
+    assert fetch(server, "/healthz").headers["Server"] == "ppimage"
+    assert fetch(server, url(initrd_image), method="HEAD").headers["Server"] == "ppimage"
+
+
+def test_log_escapes_non_ascii_path(server: ImageServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="server.http")
+    request = b"GET /caf\xc3\xa9/\x1b[31m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    response = parse_response(exchange(server, request))
+    messages = [record.getMessage() for record in caplog.records]
+    assert response.status == 404
+    assert any("GET /caf%C3%A9/%1B[31m 404" in message for message in messages)
+    assert not any("\x1b" in message for message in messages)
+
+
+# Connection limits.
+
+
+def test_listen_backlog_within_somaxconn(server: ImageServer) -> None:
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert server.request_queue_size == listen_backlog()
+    assert listen_backlog() == min(1024, somaxconn)
+
+
+def test_connect_burst_all_answered(store: PayloadStore, bases: Bases) -> None:
+    resolver = Resolver(store=store, catalog=make_catalog(bases))
+    image_server = make_server(resolver=resolver, host="127.0.0.1", port=0)
+    address = ("127.0.0.1", image_server.server_address[1])
+    clients = []
+    try:
+        # The server accepts nothing yet, so every connection must wait in the listen backlog.
+        for _ in range(200):
+            clients.append(socket.create_connection(address, timeout=2))
+        with serving(image_server):
+            for client in clients:
+                client.settimeout(30)
+                client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+            def receive(client: socket.socket) -> int:
+                chunks = []
+                while chunk := client.recv(4096):
+                    chunks.append(chunk)
+                return parse_response(b"".join(chunks)).status
+
+            with ThreadPoolExecutor(max_workers=32) as pool:
+                statuses = list(pool.map(receive, clients))
+    finally:
+        for client in clients:
+            client.close()
+    assert len(statuses) == 200
+    assert set(statuses) == {200}
+
+
+def test_connections_over_limit_503(store: PayloadStore, bases: Bases) -> None:
+    resolver = Resolver(store=store, catalog=make_catalog(bases))
+    with running(resolver, max_connections=2) as image_server:
+        port = image_server.server_address[1]
+        kept_open = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(2)]
+        for connection in kept_open:
+            connection.request("GET", "/healthz")
+            connection.getresponse().read()
+        rejected = fetch(image_server, "/healthz")
+        open_while_full = image_server.open_connections
+        kept_open[0].close()
+        deadline = time.monotonic() + 10
+        while image_server.open_connections > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        accepted = fetch(image_server, "/healthz")
+        kept_open[1].close()
+    assert open_while_full == 2
+    assert rejected.status == 503
+    assert rejected.headers["Retry-After"] == str(RETRY_AFTER_SECONDS)
+    assert rejected.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert rejected.headers["Connection"] == "close"
+    assert accepted.status == 200
+
+
+def test_serve_max_connections_zero_exits_2(tmp_path: Path, bases: Bases) -> None:
+    result = CliRunner().invoke(
+        serve_command,
+        ["--max-connections", "0", "--store", str(tmp_path / "store"), "--iso", str(bases.iso)],
+    )
+    assert result.exit_code == 2
+    assert "--max-connections" in result.output
+
+
 # Probes and metrics.
 
 
@@ -587,6 +828,16 @@ def test_parse_range_forms() -> None:
     assert parse_range("bytes=-10", 100) == ByteRange(90, 99)
     assert parse_range("bytes=-1000", 100) == ByteRange(0, 99)
     assert parse_range(" bytes = 5-5 ", 100) == ByteRange(5, 5)
+
+
+def test_parse_range_long_positions() -> None:
+    assert parse_range("bytes=0-99999999999999999999", 100) == ByteRange(0, 99)
+    assert parse_range("bytes=0-" + "9" * 5000, 100) == ByteRange(0, 99)
+    assert parse_range("bytes=-" + "9" * 5000, 100) == ByteRange(0, 99)
+    assert parse_range("bytes=" + "0" * 30 + "5-" + "0" * 30 + "9", 100) == ByteRange(5, 9)
+    assert parse_range("bytes=" + "9" * 30 + "-" + "9" * 29, 100) is None
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range("bytes=" + "9" * 5000 + "-", 100)
 
 
 def test_parse_range_ignored_forms() -> None:

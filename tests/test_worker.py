@@ -28,7 +28,7 @@ from celery import Celery
 from builder import contract, images
 from builder.build import plan_image
 from builder.catalog import Catalog, load_catalog
-from builder.cli import service_settings
+from builder.settings import service_settings
 from builder.status import condition
 from worker import tasks
 from worker.app import QueueSettings

@@ -21,7 +21,7 @@ from kombu.utils.url import maybe_sanitize_url
 from kubernetes.client.exceptions import ApiException
 
 from builder import contract
-from builder.cli import (
+from builder.settings import (
     DEFAULT_BROKER_URL,
     CommandError,
     ServiceSettings,

@@ -167,6 +167,11 @@ class Reconciler:
             log.debug("%s: a worker is building it, desired token is now %s", image.display,
                       token)
             return Outcome("building", recheck_after=self.recheck_seconds)
+        if built != token and self.enqueuer.built_token(image.uid) == token:
+            # A worker finished this very token between the first read and the lease check.
+            # Its status write reaches this watcher as an event, which decides again.
+            log.debug("%s: token %s was built meanwhile", image.display, token)
+            return Outcome("built meanwhile", recheck_after=self.recheck_seconds)
 
         sent = self.enqueuer.enqueue(
             namespace=image.namespace, name=image.name, uid=image.uid, token=token,

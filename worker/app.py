@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from builder.cli import DEFAULT_BROKER_URL
+from builder.settings import DEFAULT_BROKER_URL
 
 DEFAULT_SOFT_TIME_LIMIT = 240
 DEFAULT_TIME_LIMIT = 300

@@ -18,7 +18,9 @@ from kombu.utils.url import maybe_sanitize_url
 
 from builder import contract
 from builder.build import base_symlinked_dirs
-from builder.cli import (
+from builder.errors import BuilderError
+from builder.images import digest_file
+from builder.settings import (
     DEFAULT_BROKER_URL,
     CommandError,
     ServiceSettings,
@@ -27,8 +29,6 @@ from builder.cli import (
     service_options,
     service_settings,
 )
-from builder.errors import BuilderError
-from builder.images import digest_file
 from worker import metrics, tasks
 from worker.app import (
     DEFAULT_MAX_DELIVERIES,

@@ -28,9 +28,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from builder import contract
 from builder.build import MissingNetworkData, plan_image
-from builder.cli import ServiceSettings, service_settings
 from builder.errors import BaseImageError, BuilderError
 from builder.images import digest_file
+from builder.settings import ServiceSettings, service_settings
 from builder.status import (
     REASON_BUILD_INVALID,
     REASON_CONFIGURATION,
