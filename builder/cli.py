@@ -96,8 +96,8 @@ def _load(manifest_paths: tuple[Path, ...]):
 def build_command(manifests, out_dir, config, iso, initrd, kernel, arch, profile) -> None:
     """Build the image of every PreprovisioningImage in MANIFESTS and print their statuses.
 
-    Prints one YAML document of kind List holding each PreprovisioningImage with the status
-    the service would write; imageUrl is a file:// URL of the written image.
+    The output is one YAML document of kind List with each PreprovisioningImage and the status
+    the service would write. Its imageUrl is a file:// URL of the written image.
     """
     loaded = _load(manifests)
     catalog = catalog_from_options(

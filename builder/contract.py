@@ -58,7 +58,7 @@ def waiting_key(uid: str) -> str:
 
 
 def lease_key(uid: str) -> str:
-    """Return the Redis key a worker holds while it builds ``uid``."""
+    """Return the Redis key of the lease a worker takes while it builds ``uid``."""
     return f"{KEY_PREFIX}lease:{uid}"
 
 

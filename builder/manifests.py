@@ -34,7 +34,7 @@ _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class ManifestError(Exception):
-    """A manifest file cannot be read or holds something that is not a Kubernetes object."""
+    """A manifest file cannot be read or contains something that is not a Kubernetes object."""
 
 
 @dataclass

@@ -71,7 +71,7 @@ class Interface:
     ``name`` identifies the interface inside the model (bond ports and VLAN bases refer to it)
     and names its connection profile. ``device_name`` is the kernel interface name when the
     interface is selected by name or created (bonds, VLANs), and None when only the MAC address
-    selects the NIC. ``mac_address`` is lower-case; ``match_by_mac`` says whether it selects the
+    selects the NIC. ``mac_address`` is lower-case; ``match_by_mac`` tells whether it selects the
     NIC (True) or is applied to it as a cloned MAC address (False), as nmstate does without
     ``identifier: mac-address``.
     """
@@ -169,9 +169,10 @@ def check_mac_address(mac: object, *, field_name: str) -> str:
 def validate(config: NetworkConfig) -> NetworkConfig:
     """Check the references and values inside ``config`` and return it unchanged.
 
-    Raises ImageBuildInvalid naming the first broken reference: a bond port or VLAN base that
-    is not an interface of the model, a route through an unknown interface, a duplicate name,
-    an unsafe device name or search domain, an MTU or VLAN id out of range.
+    Raises ImageBuildInvalid naming the first problem found. The checks cover bond ports and
+    VLAN bases that are not interfaces of the model (or form loops), routes through unknown
+    interfaces, duplicate names, unsafe device names or search domains, and MTUs or VLAN ids
+    out of range.
     """
     names = [interface.name for interface in config.interfaces]
     for name in names:

@@ -141,8 +141,8 @@ def compute_status(
 def config_changed_status(image: dict, *, now: datetime | None = None) -> dict:
     """Return the status that withdraws a ready image while its inputs are rebuilt.
 
-    Every other field stays as it was; the conditions become ``Ready=False`` with reason
-    ImageSuccess and message "Config changed", and ``Error=False``, so hosts stop using the
+    Every other field stays as it was. The conditions become ``Ready=False`` with reason
+    ImageSuccess and message "Config changed", and ``Error=False``. Hosts then stop using the
     old image before the new one exists.
     """
     now = now or datetime.now(UTC)

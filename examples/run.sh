@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Run the main job on this machine with no cluster and no Redis: install what is missing, make
-# base images from Debian packages (a busybox initramfs whose init prints the network
+# Run the main job on this machine with no cluster and no Redis. It installs what is missing
+# and makes base images from Debian packages: a busybox initramfs whose init prints the network
 # configuration it received, the Debian installer kernel, and an ISO mastered from both by
-# `ppimage prepare-base`), then build an image for every example PreprovisioningImage.
+# `ppimage prepare-base`. Then it builds an image for every example PreprovisioningImage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
