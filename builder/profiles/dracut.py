@@ -146,12 +146,22 @@ def _ip_params(config: NetworkConfig, interface: Interface, name: str) -> list[s
     mac = ""
     if interface.mac_address is not None and not interface.match_by_mac:
         mac = interface.mac_address
-    tail = "" if not (mtu or mac) else f":{mtu}" + (f":{mac}" if mac else "")
+    # dracut's optional trailing fields: ":MTU" then ":MAC", the MAC only after the MTU field.
+    tail = ""
+    if mtu or mac:
+        tail = f":{mtu}"
+        if mac:
+            tail += f":{mac}"
     for version, ip in ((4, interface.ipv4), (6, interface.ipv6)):
         if not ip.enabled:
             continue
         if not ip.addresses:
-            method = "dhcp" if version == 4 else ("auto6" if ip.autoconf else "dhcp6")
+            if version == 4:
+                method = "dhcp"
+            elif ip.autoconf:
+                method = "auto6"
+            else:
+                method = "dhcp6"
             params.append(f"ip={name}:{method}{tail}")
             continue
         address = ip.addresses[0]
