@@ -87,7 +87,8 @@ def secret_digest(data: Mapping[str, bytes] | None, *, key: bytes) -> str:
 def desired_token(*, spec: Mapping, secret_hmac: str, base_digest: str, profile: str) -> str:
     """Return the desired build token from the spec, Secret HMAC, base digest and profile."""
     material = {
-        "architecture": spec.get("architecture"),
+        # Missing and empty fields hash alike, as the watcher stores them.
+        "architecture": spec.get("architecture") or "",
         "acceptFormats": list(spec.get("acceptFormats") or []),
         "networkDataName": spec.get("networkDataName") or "",
         "secret": secret_hmac,

@@ -8,6 +8,7 @@ raises ``CommandError``, which click prints before it exits with status 2.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,18 @@ def service_options(function):
     return function
 
 
+def check_broker_url(broker_url: str) -> None:
+    """Raise CommandError unless ``broker_url`` is a Redis URL with a numeric database."""
+    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+        raise CommandError(f"--broker {broker_url!r}: expected a redis:// URL")
+    database = urllib.parse.urlsplit(broker_url).path.strip("/")
+    if broker_url.startswith(("redis://", "rediss://")) and database and not database.isdigit():
+        # redis-py would silently use database 0 for a path that is not a number.
+        raise CommandError(
+            f"--broker: database {database!r} is not a number; write redis://HOST:PORT/N"
+        )
+
+
 def service_settings(
     *,
     broker_url,
@@ -180,8 +193,7 @@ def service_settings(
 
     ``writes_store`` False (the image server) accepts a read-only store that already exists.
     """
-    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
-        raise CommandError(f"--broker {broker_url!r}: expected a redis:// URL")
+    check_broker_url(broker_url)
     if not public_url.startswith(("http://", "https://")):
         raise CommandError(f"--public-url {public_url!r}: expected an http:// or https:// URL")
     if writes_store:

@@ -721,3 +721,43 @@ def test_status_command_lists_queues_and_not_ready(harness: Harness) -> None:
     assert (f"{NAMESPACE}/host-2: not Ready: MissingNetworkData: NetworkData secret not found"
             in lines)
     assert "2 PreprovisioningImages not Ready" in lines
+
+
+def test_rebuild_command_ignores_stuck_waiting_key(harness: Harness, tmp_path: Path) -> None:
+    make_secret(harness.kube_api, "nd")
+    created = make_image(harness.kube_api, "host-0", finalizers=[OUR_FINALIZER])
+    uid = created["metadata"]["uid"]
+    make_up_to_date(harness, "host-0")
+    # A worker that died with the message leaves the waiting key set until it expires.
+    harness.redis.set(contract.waiting_key(uid), "lost", ex=600)
+    options, catalog = initrd_options(tmp_path)
+    harness.catalog = catalog
+    result = CliRunner().invoke(main, [
+        "rebuild", "--broker", BROKER_URL, *options,
+        "--kubeconfig", str(harness.kube_api.kubeconfig_path), f"{NAMESPACE}/host-0",
+    ])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{NAMESPACE}/host-0: enqueued\n"
+    assert len(messages(harness.redis)) == 1
+
+
+def test_token_same_for_missing_and_empty_architecture() -> None:
+    # The watcher stores a missing architecture as "", the worker hashes the live spec.
+    catalog = Catalog({})
+    image = {"metadata": {"name": "host-0"}, "spec": {"acceptFormats": ["iso"]}}
+    worker_token = contract.live_token(image=image, secret=None, hmac_key=b"k", catalog=catalog)
+    watcher_token = contract.token_from_parts(
+        spec={"architecture": "", "acceptFormats": ["iso"], "networkDataName": None},
+        secret_hmac="none",
+        catalog=catalog,
+    )
+    assert worker_token == watcher_token
+
+
+def test_status_command_rejects_non_numeric_database(harness: Harness) -> None:
+    result = CliRunner().invoke(main, [
+        "status", "--broker", "redis://127.0.0.1:6379/notanumber",
+        "--kubeconfig", str(harness.kube_api.kubeconfig_path),
+    ])
+    assert result.exit_code == 2
+    assert "database 'notanumber' is not a number" in result.output

@@ -25,6 +25,7 @@ from builder.settings import (
     DEFAULT_BROKER_URL,
     CommandError,
     ServiceSettings,
+    check_broker_url,
     metrics_listen_option,
     parse_host_port,
     service_options,
@@ -107,6 +108,7 @@ def check_api(client: kubernetes.client.ApiClient, *, kubeconfig: str | None,
 
 def check_broker(broker_url: str) -> redis.Redis:
     """Return a Redis client for the broker; raise CommandError naming --broker when it fails."""
+    check_broker_url(broker_url)
     try:
         client = broker_redis(broker_url)
         client.ping()
@@ -258,6 +260,8 @@ def rebuild_command(kubeconfig, namespaces, rebuild_all, references, **options) 
             profile=settings.profile,
         )
         enqueuer.forget_built(state.uid)
+        # A rebuild must not wait behind a message that a dead worker still holds.
+        enqueuer.forget_waiting(state.uid)
         sent = enqueuer.enqueue(
             namespace=state.namespace, name=state.name, uid=state.uid, token=token,
             queue=queue_for(catalog, state.architecture),
@@ -299,7 +303,7 @@ def status_command(broker_url, kubeconfig, namespaces) -> None:
 
     lengths = _queue_lengths(redis_client)
     if not lengths:
-        click.echo("build queues: none exist yet")
+        click.echo("build queues: all empty")
     for name in sorted(lengths):
         click.echo(f"queue {name}: {lengths[name]} messages waiting")
     click.echo(f"retry schedule: {redis_client.zcard(contract.RETRY_SCHEDULE)} objects")

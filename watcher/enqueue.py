@@ -23,10 +23,11 @@ from watcher import metrics
 
 log = logging.getLogger(__name__)
 
-# The waiting key expires so that a message lost with a flushed broker cannot block its object
-# forever. NOTE: one hour is a guess at the longest queue wait. If a message waits longer, the
-# next change sends a second one, and the worker finds the token already built.
-DEFAULT_WAITING_TTL_SECONDS = 3600
+# The waiting key expires so that a message lost with a flushed broker or a dead worker cannot
+# block its object for long. NOTE: 20 minutes is a guess at the longest queue wait, above the
+# workers' default visibility timeout of 15 minutes. If a message waits longer, the next change
+# sends a second one, and the worker finds the token already built.
+DEFAULT_WAITING_TTL_SECONDS = 1200
 
 
 def broker_redis(broker_url: str) -> redis.Redis:
@@ -104,6 +105,11 @@ class Enqueuer:
             raise
         self._count("enqueued")
         return True
+
+    def forget_waiting(self, uid: str) -> None:
+        """Delete the waiting key of ``uid``, so the next enqueue sends a message even if one
+        was lost with a dead worker."""
+        self.client.delete(contract.waiting_key(uid))
 
     def forget_built(self, uid: str) -> None:
         """Delete the built token of ``uid`` so its next build message rebuilds the image."""

@@ -19,7 +19,9 @@ from builder.settings import DEFAULT_BROKER_URL
 
 DEFAULT_SOFT_TIME_LIMIT = 240
 DEFAULT_TIME_LIMIT = 300
-DEFAULT_VISIBILITY_TIMEOUT = 3600
+# Messages held by a worker that died as a whole come back only after this many seconds, so it
+# stays a little above the hard time limit rather than the hour Celery suggests for ETA tasks.
+DEFAULT_VISIBILITY_TIMEOUT = 900
 DEFAULT_MAX_DELIVERIES = 5
 
 

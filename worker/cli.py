@@ -234,7 +234,8 @@ def command(
         f"--concurrency={concurrency or os.cpu_count() or 1}",
         f"--queues={','.join(queue_names)}",
         f"--loglevel={loglevel.upper()}",
-        "--hostname=ppimage@%h",
+        # Several workers on one host need distinct node names for Flower and remote control.
+        f"--hostname=ppimage-{os.getpid()}@%h",
         "--task-events",
     ]
     app.worker_main(argv=argv)
