@@ -1,7 +1,7 @@
 """Exceptions raised by the builder.
 
 ``ImageBuildInvalid`` and ``ConfigurationError`` carry the condition reason the status
-reports; every message names the offending field and value and says how to fix it.
+reports; every message names the offending field and value and the fix.
 """
 
 

@@ -71,7 +71,7 @@ class Interface:
     ``name`` identifies the interface inside the model (bond ports and VLAN bases refer to it)
     and names its connection profile. ``device_name`` is the kernel interface name when the
     interface is selected by name or created (bonds, VLANs), and None when only the MAC address
-    selects the NIC. ``mac_address`` is lower-case; ``match_by_mac`` tells whether it selects the
+    selects the NIC. ``mac_address`` is lower-case; ``match_by_mac`` is True when it selects the
     NIC (True) or is applied to it as a cloned MAC address (False), as nmstate does without
     ``identifier: mac-address``.
     """

@@ -13,7 +13,7 @@ as glean 1.25 (``glean/cmd.py``) names them where the name reaches the kernel:
   ``vlanID`` when ``BASE.ID`` is 16 bytes or longer.
 
 Unknown link types, bond modes and network types raise ImageBuildInvalid naming the link or
-network id and the value; known keys the model cannot express raise UnsupportedField.
+network id and the value. Known keys that the model cannot express raise UnsupportedField.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""What a profile produces: the files for the payload and the kernel command-line arguments.
+"""Profile output: the files for the payload and the kernel command-line arguments.
 
-Profiles decide paths and modes; ``builder.payload`` packs the files into a cpio archive and
+Profiles decide paths and modes. ``builder.payload`` packs the files into a cpio archive, and
 the status carries ``kernel_params`` as ``extraKernelParams`` for the initrd format.
 """
 

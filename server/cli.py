@@ -14,7 +14,7 @@ import time
 
 import click
 
-from builder.settings import CommandError, service_options, service_settings
+from builder.settings import CommandError, parse_host_port, service_options, service_settings
 from builder.store import PayloadStore
 from server.http import DEFAULT_MAX_CONNECTIONS, ImageServer, make_server
 from server.resolver import Resolver
@@ -27,15 +27,7 @@ DRAIN_SECONDS = 30.0
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` or ``[V6ADDRESS]:PORT``; raise CommandError naming --listen."""
-    host, separator, port_text = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not separator or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise CommandError(
-            f"--listen {listen!r}: expected HOST:PORT with a port from 0 to 65535,"
-            " for example 127.0.0.1:8080 or [::1]:8080"
-        )
-    return host, int(port_text)
+    return parse_host_port(listen, option="--listen")
 
 
 @click.command("serve")

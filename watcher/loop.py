@@ -10,8 +10,8 @@ is small, and tests cover its 410, reconnect and leadership paths.
 Watch threads list a resource, store compact records in the ObjectCache and mark the affected
 PreprovisioningImages dirty, then watch from the list's resourceVersion with bookmarks. A 410
 relists at once; any other failure reconnects with exponential backoff from the last
-resourceVersion seen. The processing thread waits until every initial list is stored (so a
-restart compares against complete state and enqueues only what is out of date), then
+resourceVersion seen. The processing thread waits until every initial list is stored, so a
+restart compares against complete state and enqueues only what is out of date. Then it
 reconciles dirty objects one at a time, re-evaluates everything each resync period and pops
 due entries of the retry schedule.
 """

@@ -1,10 +1,10 @@
 """The ignition profile: /config.ign (Ignition spec 3.2.0) carrying NetworkManager keyfiles.
 
 CoreOS live images read /config.ign at the initramfs root. The config contains the keyfiles as
-``storage.files`` in /etc/NetworkManager/system-connections (mode 0600, base64 data URLs), and
-it replaces whatever config the base carried in its embed area, so the agent's own config
-(``base_ignition``, from the base image catalog) is merged in: our files replace entries with
-the same path, everything else is kept. Ignition writes files only after it has fetched its
+``storage.files`` in /etc/NetworkManager/system-connections (mode 0600, base64 data URLs). It
+replaces whatever config the base carried in its embed area, so the agent's own config
+(``base_ignition``, from the base image catalog) is merged in. Our files replace entries with
+the same path, and everything else is kept. Ignition writes files only after it has fetched its
 config, so with the initrd format (the rootfs is fetched over the network) the keyfiles also go
 into the payload as /etc/coreos-firstboot-network/NAME.nmconnection, which CoreOS copies into
 NetworkManager's initramfs configuration, and the kernel gets ``rd.neednet=1``.
